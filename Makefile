@@ -30,7 +30,7 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope \
-		--nbval --nbval-current-env --nbval-sanitize-with tools/nbval_sanitize.cfg \
+		--nbval --nbval-current-env \
 		tests chapters
 
 clean:
