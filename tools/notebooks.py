@@ -71,8 +71,8 @@ changed = {{name for name, version in after.items() if before.get(name) != versi
 imported = {{name.split(".")[0].replace("_", "-").lower() for name in sys.modules}}
 if changed & imported:
     print(
-        "Restart the runtime (Colab: Runtime > Restart session), then run the "
-        f"notebook again: pip replaced {{sorted(changed & imported)}}, already imported."
+        "Restart the runtime (Colab: Runtime > Restart session) and run the "
+        f"notebook again: pip replaced {{sorted(changed & imported)}}, in use."
     )"""
 
 
