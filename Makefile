@@ -8,7 +8,11 @@ STAMP := $(VENV)/.installed
 # cells together.
 PYTEST_WORKERS ?= 2
 
-.PHONY: book test lint venv clean
+BOOK_BUILD = $(BIN)/jupyter-book build --all --warningiserror --nitpick --keep-going .
+SITE_SOURCES := $(wildcard chapters/*.ipynb *.md book_utils/*.py _ext/*.py) \
+	_config.yml _toc.yml references.bib
+
+.PHONY: book site test lint venv chromium clean
 
 venv: $(STAMP)
 
@@ -20,15 +24,31 @@ $(STAMP): requirements.txt requirements-data.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --editable .
 	touch $@
 
+# Always a full build: every chapter is executed again.
 book: $(STAMP)
-	$(BIN)/jupyter-book build --all --warningiserror --nitpick --keep-going .
+	$(BOOK_BUILD)
+	touch _build/html/.built
+
+# The build the browser tests read: rebuilt only when a source changed.
+site: _build/html/.built
+
+_build/html/.built: $(STAMP) $(SITE_SOURCES)
+	$(BOOK_BUILD)
+	touch $@
+
+# The browser tests drive Debian's Chromium; Playwright cannot download its own
+# browser without network.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python tools/notebooks.py check
 
-test: lint
+test: lint chromium site
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope \
 		--nbval --nbval-current-env \
 		tests chapters
