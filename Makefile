@@ -36,10 +36,10 @@ _build/html/.built: $(STAMP) $(SITE_SOURCES)
 	$(BOOK_BUILD)
 	touch $@
 
-# The browser tests drive Debian's Chromium; Playwright cannot download its own
-# browser without network.
+# The browser tests drive Debian's Chromium, or the browser that the CHROMIUM
+# variable names; Playwright cannot download its own browser without network.
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@test -n "$$CHROMIUM" || command -v chromium >/dev/null 2>&1 || { \
 		apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
