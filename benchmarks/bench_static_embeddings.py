@@ -4,13 +4,19 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/bench_static_embeddings.py
 
-Prints one JSON object. ``load_s`` is one uncached call of ``load_glove``
-(read the .npy and parquet files, normalise, copy to the device). Query times
-are medians over ``--repeats`` calls after one warm-up call that compiles the
-kernel. ``jit_query_s`` is ``StaticEmbeddings.nearest`` (Python checks, the
-jit-compiled matrix-vector product and top_k, the copy back to NumPy);
-``kernel_only_s`` is the compiled kernel alone; ``numpy_query_s`` is the same
-search in NumPy (matrix-vector product and argpartition) for comparison.
+Prints one JSON object, with times in seconds:
+
+- ``load_s``: one uncached call of ``load_glove``, which reads the .npy and
+  parquet files, normalises the rows and copies them to the device.
+- ``first_query_with_compile_s``: the first ``nearest`` call, which compiles.
+- ``jit_query_s``: one ``StaticEmbeddings.nearest`` call, including its
+  Python checks, the jit-compiled matrix-vector product and top_k, and the
+  copy back to NumPy.
+- ``kernel_only_s``: the compiled kernel alone.
+- ``numpy_query_s``: the same search in NumPy (matrix-vector product and
+  argpartition), for comparison.
+
+The last three are medians over ``--repeats`` calls after a warm-up call.
 """
 
 from __future__ import annotations
@@ -38,9 +44,15 @@ def median_seconds(function, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=50, help="timed calls")
-    parser.add_argument("--k", type=int, default=10, help="neighbours per query")
-    parser.add_argument("--word", default="bank", help="query word")
+    parser.add_argument(
+        "--repeats", type=int, default=50, help="number of timed calls per measurement"
+    )
+    parser.add_argument(
+        "--k", type=int, default=10, help="number of neighbours per query"
+    )
+    parser.add_argument(
+        "--word", default="bank", help="word whose neighbours are searched"
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()

