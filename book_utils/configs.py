@@ -1,9 +1,9 @@
 """Transformer configurations: the numbers that fix a model's shape.
 
-Besides :class:`TransformerConfig`, this module holds the published
-configurations of BERT, GPT-2 and GPT-3 as constants, and reads a Hugging
-Face ``config.json`` (such as the one of the pretrained encoder this book
-uses) into a :class:`TransformerConfig`.
+Besides :class:`TransformerConfig`, this module contains the published
+configurations of BERT, GPT-2 and GPT-3 as constants. It also reads a Hugging
+Face ``config.json``, such as the one of the pretrained encoder this book
+uses, into a :class:`TransformerConfig`.
 """
 
 from __future__ import annotations
@@ -167,11 +167,11 @@ GPT2_XL = dataclasses.replace(
 )
 
 # GPT-3 175B: Brown et al. (2020), "Language Models are Few-Shot Learners",
-# Table 2.1 (n_layers 96, d_model 12288, n_heads 96, d_head 128, context
-# 2048 tokens, d_ff = 4 * d_model) and section 2.1 (the GPT-2 architecture and
-# its 50257-token byte-level BPE vocabulary).
+# Table 2.1 (n_layers 96, d_model 12288, n_heads 96, d_head 128) and section
+# 2.1 (a context of 2048 tokens, d_ff = 4 * d_model, and GPT-2's model and
+# reversible tokenization, hence GPT-2's 50257-token BPE vocabulary).
 # NOTE: the paper does not say whether the output layer reuses the token
-# table. Tying is assumed as in GPT-2; untying would add 0.35% parameters.
+# table. Tying is assumed as in GPT-2, and untying would add 0.35% parameters.
 # The paper's alternating dense and locally banded sparse attention layers
 # change no parameter shapes, so the dense decoder here counts the same.
 GPT3_175B = dataclasses.replace(
@@ -237,16 +237,17 @@ def from_hf_config(
 ) -> TransformerConfig:
     """Read a Hugging Face ``config.json`` into a :class:`TransformerConfig`.
 
-    Two model types are understood: ``"bert"`` (an encoder with a pooler,
-    as ``BertModel`` builds it) and ``"gpt2"`` (a decoder whose output layer
-    reuses the token table unless ``tie_word_embeddings`` is false; a null
-    ``n_inner`` means ``4 * n_embd``).
+    Two model types are supported. ``"bert"`` gives an encoder with a
+    pooler, as ``BertModel`` builds it. ``"gpt2"`` gives a decoder whose
+    output layer reuses the token table unless ``tie_word_embeddings`` is
+    false, and whose feed-forward width is ``4 * n_embd`` when ``n_inner``
+    is null.
 
     Args:
         path_or_dict: path to a ``config.json`` file, or to the folder that
             contains it, or the already parsed dictionary.
-        name: model name to store; defaults to the file's ``_name_or_path``,
-            else its ``model_type``.
+        name: model name to store. The default is the file's
+            ``_name_or_path``, else its ``model_type``.
 
     Returns:
         The configuration.

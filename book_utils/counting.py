@@ -2,23 +2,23 @@
 
 Two independent ways to count parameters:
 
-- :func:`count_parameters` builds the model with ``nnx.eval_shape``, which
-  traces the constructors and returns the parameters as shapes without
-  allocating or initialising any array, and adds up the sizes. Decoders
-  are :class:`book_utils.decoder.GPT`; encoders are
+- :func:`count_parameters` builds the model with ``nnx.eval_shape`` and
+  adds up the sizes. ``nnx.eval_shape`` traces the constructors and returns
+  the parameters as shapes, without allocating or initialising any array.
+  Decoders are :class:`book_utils.decoder.GPT`, and encoders are
   :class:`book_utils.encoder.Encoder` plus BERT's pooler.
 - :func:`count_parameters_by_formula` sums the closed-form sizes of
   :func:`parameter_breakdown`.
 
 FLOPs per token follow the accounting of Kaplan et al. (2020), "Scaling Laws
-for Neural Language Models", section 2.1: a forward pass costs
-``C_forward = 2 N + 2 n_layer n_ctx d_model`` per token, where ``N`` is the
-number of parameters in the blocks (2 FLOPs, a multiply and an add, per
-weight) and the second term is the attention scores and weighted sum over a
-context of ``n_ctx`` tokens. Training costs about three forward passes
-(the backward pass about twice the forward one), ``C_train = 3 C_forward``,
-the familiar ``6 N`` per token. Embedding lookups, the output layer's
-``2 d_model V`` and element-wise operations are left out, as there.
+for Neural Language Models", section 2.1. A forward pass costs
+``C_forward = 2 N + 2 n_layer n_ctx d_model`` per token. ``N`` is the number
+of parameters in the blocks, at 2 FLOPs (a multiply and an add) per weight.
+The second term is the attention scores and weighted sum over a context of
+``n_ctx`` tokens. Training costs about three forward passes, because the
+backward pass costs about twice the forward one: ``C_train = 3 C_forward``,
+the familiar ``6 N`` per token. As in that paper, embedding lookups, the
+output layer's ``2 d_model V`` and element-wise operations are left out.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ __all__ = [
 class _EncoderWithPooler(nnx.Module):
     """BERT as ``BertModel`` has it: the encoder plus the pooler.
 
-    The pooler is ``tanh(Linear(D, D))`` on the first token's final vector;
+    The pooler is ``tanh(Linear(D, D))`` on the first token's final vector.
     :class:`book_utils.encoder.Encoder` leaves it out because sentence
     embedding models do not use it, but BERT's published totals include it.
     """
@@ -75,7 +75,7 @@ def abstract_model(config: TransformerConfig) -> nnx.Module:
     """Build the model of ``config`` with shapes only, allocating nothing.
 
     Every parameter of the returned module is a ``jax.ShapeDtypeStruct``.
-    A decoder is a :class:`~book_utils.decoder.GPT`; an encoder is a
+    A decoder is a :class:`~book_utils.decoder.GPT`. An encoder is a
     :class:`~book_utils.encoder.Encoder`, wrapped with BERT's pooler
     (``.encoder`` and ``.pooler``) when ``config.pooler`` is True.
 
@@ -87,17 +87,22 @@ def abstract_model(config: TransformerConfig) -> nnx.Module:
     return nnx.eval_shape(lambda: _build(config, nnx.Rngs(0)))
 
 
-@functools.lru_cache(maxsize=64)
 def count_parameters(config: TransformerConfig) -> int:
     """Count the trainable parameters of the model built from ``config``.
 
     The model is built with :func:`abstract_model` and the sizes of its
     ``nnx.Param`` leaves are added up. A tied output layer is the token
-    table, so it is counted once.
+    table, so it is counted once. Results are cached per configuration.
 
     Raises:
         TypeError: if ``config`` is not a :class:`TransformerConfig`.
     """
+    _check_config(config)
+    return _count_parameters_cached(config)
+
+
+@functools.lru_cache(maxsize=64)
+def _count_parameters_cached(config: TransformerConfig) -> int:
     state = nnx.state(abstract_model(config), nnx.Param)
     return sum(leaf.size for leaf in jax.tree.leaves(state))
 
@@ -125,10 +130,10 @@ def parameter_breakdown(config: TransformerConfig) -> dict[str, int]:
     the ``D`` columns of the projections among themselves.
 
     Returns:
-        Component name to parameter count. Components a model does not have
-        are 0: encoders have a token-type table, an embedding LayerNorm and
-        (BERT) a pooler; decoders a final LayerNorm and, when untied, an
-        output layer.
+        Component name to parameter count, with 0 for the components a
+        model does not have. Only encoders have a token-type table, an
+        embedding LayerNorm and (BERT) a pooler. Only decoders have a final
+        LayerNorm and, when untied, an output layer.
 
     Raises:
         TypeError: if ``config`` is not a :class:`TransformerConfig`.
@@ -156,7 +161,7 @@ def parameter_breakdown(config: TransformerConfig) -> dict[str, int]:
 def count_parameters_by_formula(config: TransformerConfig) -> int:
     """Count the parameters of ``config`` in closed form.
 
-    The sum of :func:`parameter_breakdown`; equal to
+    The result is the sum of :func:`parameter_breakdown`, and it equals
     :func:`count_parameters`, which builds the model.
 
     Raises:
@@ -190,8 +195,8 @@ def forward_flops_per_token(
 
     Args:
         config: the model.
-        context_length: tokens each query attends over, ``n_ctx``;
-            defaults to ``config.max_positions``.
+        context_length: tokens each query attends over, ``n_ctx``. The
+            default is ``config.max_positions``.
 
     Raises:
         ValueError: if ``context_length`` is not a positive integer no larger

@@ -6,7 +6,7 @@ Each :class:`DecoderBlock` computes, for an input ``x`` of shape ``(B, T, D)``,
     x &\\leftarrow x + \\mathrm{Attention}(\\mathrm{LN}_1(x)) \\\\
     x &\\leftarrow x + \\mathrm{MLP}(\\mathrm{LN}_2(x))
 
-with a causal mask, so position ``i`` only sees positions ``<= i``. The
+with a causal mask, so position ``i`` only attends to positions ``<= i``. The
 LayerNorm sits before each sub-layer, inside the residual branch ("pre-LN",
 as in GPT-2 and GPT-3), and the residual path from input to output passes
 through no normalisation at all. :class:`GPT` adds token and position
@@ -24,6 +24,8 @@ Shape letters: ``B`` batch size, ``T`` sequence length, ``D`` model width,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -31,7 +33,13 @@ from flax import nnx
 from book_utils.attention import MultiHeadAttention, causal_mask
 from book_utils.configs import TransformerConfig
 
-__all__ = ["GPT", "DecoderBlock", "FeedForward"]
+__all__ = [
+    "GPT",
+    "DecoderBlock",
+    "FeedForward",
+    "create_stacked_blocks",
+    "run_stacked_blocks",
+]
 
 
 class FeedForward(nnx.Module):
@@ -135,6 +143,65 @@ class DecoderBlock(nnx.Module):
         return x
 
 
+def create_stacked_blocks(config: TransformerConfig, *, rngs: nnx.Rngs) -> DecoderBlock:
+    """Create ``config.num_layers`` decoder blocks stacked along a new axis.
+
+    The result is one :class:`DecoderBlock` whose parameters all have a
+    leading axis of size ``L = num_layers``: the kernel of ``mlp.hidden``,
+    for example, is ``(L, D, d_ff)``. Each layer gets its own random key,
+    so the layers start with different weights. The constructor is traced
+    once for all layers, which keeps ``nnx.eval_shape`` of a 96-layer model
+    as fast as that of a 1-layer one.
+
+    Args:
+        config: sizes of each block and the number of layers.
+        rngs: random number streams for the initial weights.
+    """
+
+    # split_rngs splits every stream into num_layers keys, and vmap creates
+    # one block per key.
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create_blocks(rngs: nnx.Rngs) -> DecoderBlock:
+        return DecoderBlock.from_config(config, rngs=rngs)
+
+    return create_blocks(rngs)
+
+
+def run_stacked_blocks(
+    blocks: DecoderBlock,
+    x: jax.Array,
+    layer_fn: Callable[[DecoderBlock, jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Run stacked blocks one after another with ``nnx.scan``.
+
+    Args:
+        blocks: blocks from :func:`create_stacked_blocks`, leading axis L.
+        x: ``(B, T, D)`` input of the first block.
+        layer_fn: ``layer_fn(block, x)`` computes one layer's output from
+            one layer's block and the previous layer's ``(B, T, D)`` output.
+            The default is ``block(x)``. Another function can rewire the
+            block's sub-layers, for example without the residual additions.
+
+    Returns:
+        ``(output, hidden_states)``: the last block's ``(B, T, D)`` output
+        and every block's output stacked, ``(L, B, T, D)``.
+    """
+    if layer_fn is None:
+
+        def layer_fn(block: DecoderBlock, x: jax.Array) -> jax.Array:
+            return block(x)
+
+    # Each step's carry is the next block's input, so layer l reads the
+    # output of layer l - 1.
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def run_blocks(x: jax.Array, block: DecoderBlock) -> tuple[jax.Array, jax.Array]:
+        x = layer_fn(block, x)
+        return x, x
+
+    return run_blocks(x, blocks)
+
+
 def _check_decoder_config(config: TransformerConfig) -> None:
     if not isinstance(config, TransformerConfig):
         raise TypeError(
@@ -161,8 +228,8 @@ class GPT(nnx.Module):
         token_embedding: ``nnx.Embed`` with a ``(V, D)`` table.
         position_embedding: ``nnx.Embed`` with a ``(max_positions, D)`` table.
         blocks: one :class:`DecoderBlock` whose parameters all carry a
-            leading axis of size ``num_layers`` (layer ``i`` is slice ``i``;
-            :meth:`block` returns it as a block of its own).
+            leading axis of size ``num_layers``. Layer ``i`` is slice ``i``,
+            and :meth:`block` returns it as a block of its own.
         final_norm: the LayerNorm after the last block.
         lm_head: ``nnx.Linear(D, V)`` without bias, or None when the output
             layer reuses the token table (``config.tied_embeddings``).
@@ -183,15 +250,7 @@ class GPT(nnx.Module):
         self.position_embedding = nnx.Embed(
             config.max_positions, config.d_model, rngs=rngs
         )
-
-        # Each layer gets its own key: split_rngs splits every stream into
-        # num_layers keys and vmap creates one block per key.
-        @nnx.split_rngs(splits=config.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def create_blocks(rngs: nnx.Rngs) -> DecoderBlock:
-            return DecoderBlock.from_config(config, rngs=rngs)
-
-        self.blocks = create_blocks(rngs)
+        self.blocks = create_stacked_blocks(config, rngs=rngs)
         self.final_norm = nnx.LayerNorm(
             config.d_model, epsilon=config.layer_norm_eps, rngs=rngs
         )
@@ -256,16 +315,8 @@ class GPT(nnx.Module):
         # (B, T, D)
         x = self.token_embedding(token_ids) + self.position_embedding(positions)
 
-        # The blocks run one after another: each step's carry is the next
-        # block's input, and the stacked outputs are (L, B, T, D).
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-        def run_blocks(
-            x: jax.Array, block: DecoderBlock
-        ) -> tuple[jax.Array, jax.Array]:
-            x = block(x)
-            return x, x
-
-        x, hidden_states = run_blocks(x, self.blocks)
+        # (B, T, D) and (L, B, T, D)
+        x, hidden_states = run_stacked_blocks(self.blocks, x)
         x = self.final_norm(x)
         if self.lm_head is None:
             # (B, T, V): scores against every row of the token table.

@@ -181,7 +181,11 @@ def test_bert_shared_sizes() -> None:
         assert config.head_dim == 64
 
 
-@pytest.mark.parametrize(("config", "expected"), RELEASED_COUNTS, ids=str)
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    RELEASED_COUNTS,
+    ids=[config.name for config, _ in RELEASED_COUNTS],
+)
 def test_count_matches_released_checkpoint(
     config: TransformerConfig, expected: int
 ) -> None:
@@ -221,7 +225,7 @@ def test_abstract_model_allocates_nothing() -> None:
 
 def test_abstract_model_has_pooler_for_bert() -> None:
     model = counting.abstract_model(configs.BERT_BASE)
-    assert model.pooler.kernel.value.shape == (768, 768)
+    assert model.pooler.kernel.shape == (768, 768)
 
 
 def test_untied_output_adds_table() -> None:
@@ -289,5 +293,10 @@ def test_flops_reject_bad_context(context_length: object) -> None:
 
 
 def test_count_rejects_non_config() -> None:
-    with pytest.raises(TypeError, match="dict"):
+    with pytest.raises(TypeError, match="got dict"):
+        counting.count_parameters({"d_model": 768})
+
+
+def test_formula_rejects_non_config() -> None:
+    with pytest.raises(TypeError, match="got dict"):
         counting.count_parameters_by_formula({"d_model": 768})

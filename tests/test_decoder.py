@@ -13,7 +13,13 @@ from flax import nnx
 from book_utils import configs, counting
 from book_utils.attention import causal_mask, merge_heads, split_heads
 from book_utils.configs import TransformerConfig
-from book_utils.decoder import GPT, DecoderBlock, FeedForward
+from book_utils.decoder import (
+    GPT,
+    DecoderBlock,
+    FeedForward,
+    create_stacked_blocks,
+    run_stacked_blocks,
+)
 
 TINY = TransformerConfig(
     name="tiny",
@@ -50,14 +56,14 @@ def reference_layer_norm(x, norm: nnx.LayerNorm) -> jax.Array:
     mean = x.mean(-1, keepdims=True)
     variance = ((x - mean) ** 2).mean(-1, keepdims=True)
     normed = (x - mean) / jnp.sqrt(variance + norm.epsilon)
-    return normed * norm.scale.value + norm.bias.value
+    return normed * norm.scale[...] + norm.bias[...]
 
 
 def reference_attention(x, attention) -> jax.Array:
     """Causal multi-head attention from the projections' raw weights."""
 
     def project(linear):
-        projected = x @ linear.kernel.value + linear.bias.value
+        projected = x @ linear.kernel[...] + linear.bias[...]
         return split_heads(projected, attention.num_heads)
 
     query, key, value = (
@@ -69,7 +75,7 @@ def reference_attention(x, attention) -> jax.Array:
     scores = jnp.where(causal_mask(x.shape[1]), scores, -jnp.inf)
     heads = jax.nn.softmax(scores, axis=-1) @ value
     output = attention.output
-    return merge_heads(heads) @ output.kernel.value + output.bias.value
+    return merge_heads(heads) @ output.kernel[...] + output.bias[...]
 
 
 def reference_block(x, block: DecoderBlock) -> jax.Array:
@@ -80,9 +86,9 @@ def reference_block(x, block: DecoderBlock) -> jax.Array:
     hidden = reference_layer_norm(x, block.mlp_norm)
     mlp = block.mlp
     hidden = jax.nn.gelu(
-        hidden @ mlp.hidden.kernel.value + mlp.hidden.bias.value, approximate=True
+        hidden @ mlp.hidden.kernel[...] + mlp.hidden.bias[...], approximate=True
     )
-    return x + hidden @ mlp.output.kernel.value + mlp.output.bias.value
+    return x + hidden @ mlp.output.kernel[...] + mlp.output.bias[...]
 
 
 def test_block_output_shape() -> None:
@@ -112,8 +118,8 @@ def test_block_weights_are_causal() -> None:
 
 def zero_branches(block: DecoderBlock) -> None:
     for linear in (block.attention.output, block.mlp.output):
-        linear.kernel.value = jnp.zeros_like(linear.kernel.value)
-        linear.bias.value = jnp.zeros_like(linear.bias.value)
+        linear.kernel[...] = jnp.zeros_like(linear.kernel[...])
+        linear.bias[...] = jnp.zeros_like(linear.bias[...])
 
 
 def test_pre_ln_residual_path_is_identity() -> None:
@@ -159,8 +165,8 @@ def make_model(config: TransformerConfig = TINY) -> GPT:
 
 def reference_logits(model: GPT, token_ids: jax.Array) -> jax.Array:
     """Embeddings, a Python loop over the blocks, final LN, tied output."""
-    table = model.token_embedding.embedding.value
-    positions = model.position_embedding.embedding.value[: token_ids.shape[1]]
+    table = model.token_embedding.embedding[...]
+    positions = model.position_embedding.embedding[...][: token_ids.shape[1]]
     x = table[token_ids] + positions
     for index in range(model.config.num_layers):
         x = reference_block(x, model.block(index))
@@ -197,15 +203,15 @@ def test_gpt_hidden_states_per_layer() -> None:
 
 def test_gpt_layers_differ() -> None:
     model = make_model()
-    first = model.block(0).attention.query.kernel.value
-    second = model.block(1).attention.query.kernel.value
+    first = model.block(0).attention.query.kernel[...]
+    second = model.block(1).attention.query.kernel[...]
     assert not np.allclose(first, second)
 
 
 def test_gpt_block_negative_index() -> None:
     model = make_model()
-    last = model.block(-1).mlp.hidden.kernel.value
-    np.testing.assert_array_equal(last, model.block(2).mlp.hidden.kernel.value)
+    last = model.block(-1).mlp.hidden.kernel[...]
+    np.testing.assert_array_equal(last, model.block(2).mlp.hidden.kernel[...])
 
 
 def test_gpt_block_index_out_of_range() -> None:
@@ -216,9 +222,9 @@ def test_gpt_block_index_out_of_range() -> None:
 def test_gpt_untied_head() -> None:
     config = dataclasses.replace(TINY, tied_embeddings=False)
     model, token_ids = make_model(config), random_ids()
-    assert model.lm_head.kernel.value.shape == (TINY.d_model, TINY.vocab_size)
+    assert model.lm_head.kernel[...].shape == (TINY.d_model, TINY.vocab_size)
     _, hidden = model(token_ids, return_hidden_states=True)
-    expected = model.final_norm(hidden[-1]) @ model.lm_head.kernel.value
+    expected = model.final_norm(hidden[-1]) @ model.lm_head.kernel[...]
     np.testing.assert_allclose(model(token_ids), expected, atol=1e-5)
 
 
@@ -240,7 +246,7 @@ def test_gpt_gradients_are_finite() -> None:
     def loss(model: GPT) -> jax.Array:
         return model(token_ids).mean()
 
-    grads = nnx.grad(loss)(model)
+    grads = nnx.jit(nnx.grad(loss))(model)
     leaves = jax.tree.leaves(grads)
     assert all(np.isfinite(leaf).all() for leaf in leaves)
     assert any(np.abs(leaf).max() > 0 for leaf in leaves)
@@ -271,3 +277,27 @@ def test_gpt_rejects_float_ids() -> None:
 def test_gpt_rejects_1d_ids() -> None:
     with pytest.raises(ValueError, match=r"\(4,\)"):
         make_model()(jnp.zeros(4, dtype=jnp.int32))
+
+
+def test_stacked_blocks_leading_axis() -> None:
+    blocks = create_stacked_blocks(TINY, rngs=nnx.Rngs(0))
+    assert blocks.mlp.hidden.kernel.shape == (3, 16, 40)
+    assert blocks.attention_norm.scale.shape == (3, 16)
+
+
+def test_run_stacked_blocks_custom_layer() -> None:
+    blocks = create_stacked_blocks(TINY, rngs=nnx.Rngs(0))
+    x = random_input()
+
+    def mlp_only(block: DecoderBlock, x: jax.Array) -> jax.Array:
+        return x + block.mlp(x)
+
+    output, hidden = run_stacked_blocks(blocks, x, mlp_only)
+    assert hidden.shape == (3, BATCH, SEQ_LEN, TINY.d_model)
+    expected = x
+    for index in range(3):
+        mlp = jax.tree.map(lambda array, i=index: array[i], nnx.state(blocks.mlp))
+        layer = nnx.merge(nnx.graphdef(blocks.mlp), mlp)
+        expected = expected + layer(expected)
+    np.testing.assert_allclose(output, expected, atol=1e-5)
+    np.testing.assert_array_equal(hidden[-1], output)
