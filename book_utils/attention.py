@@ -66,14 +66,24 @@ def _check_qkv(query: jax.Array, key: jax.Array, value: jax.Array) -> tuple[int,
     return batch_shape
 
 
-def _check_mask(mask: jax.Array, scores_shape: tuple[int, ...]) -> None:
+def _check_mask(
+    mask: jax.Array,
+    scores_shape: tuple[int, ...],
+    given_shape: tuple[int, ...] | None = None,
+) -> None:
+    """Raise unless ``mask`` is boolean and broadcasts to ``scores_shape``.
+
+    ``given_shape`` is the shape the caller passed, named in the error in place
+    of ``mask.shape`` when the mask was reshaped before this check.
+    """
     if mask.dtype != jnp.bool_:
         raise TypeError(
             f"mask must be boolean (True means 'may attend'), got dtype {mask.dtype}"
         )
     if _broadcast_shapes(mask.shape, scores_shape) != scores_shape:
+        shape = mask.shape if given_shape is None else given_shape
         raise ValueError(
-            f"mask of shape {mask.shape} does not broadcast to the attention "
+            f"mask of shape {shape} does not broadcast to the attention "
             f"scores' shape {scores_shape} (..., T, S)"
         )
 
@@ -263,6 +273,7 @@ class MultiHeadAttention(nnx.Module):
     def _head_mask(self, mask: jax.Array, batch: int, q_len: int) -> jax.Array:
         """Bring a (T, S), (B, T, S) or (B, 1, T, S) mask to 4 dimensions."""
         mask = jnp.asarray(mask)
+        given_shape = mask.shape
         if mask.ndim == 2:
             mask = mask[None, None]
         elif mask.ndim == 3:
@@ -272,7 +283,7 @@ class MultiHeadAttention(nnx.Module):
                 "mask must have shape (T, S), (B, T, S) or (B, 1, T, S), got "
                 f"shape {mask.shape}"
             )
-        _check_mask(mask, (batch, self.num_heads, q_len, q_len))
+        _check_mask(mask, (batch, self.num_heads, q_len, q_len), given_shape)
         return mask
 
     def __call__(
