@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from book_utils.attention import MultiHeadAttention, padding_mask
@@ -35,7 +36,7 @@ class EncoderOutput(NamedTuple):
     """Hidden states and attention weights of every layer.
 
     Attributes:
-        hidden_states: ``(L + 1, B, T, D)``; entry 0 is the embedding output
+        hidden_states: ``(L + 1, B, T, D)``. Entry 0 is the embedding output
             and entry ``l`` the output of block ``l``.
         attentions: ``(L, B, N, T, T)`` softmax weights of every block, with
             zero weight on padded keys.
@@ -46,8 +47,9 @@ class EncoderOutput(NamedTuple):
 
 
 def _layer_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # use_fast_variance=False computes E[(x - mean)^2] rather than
-    # E[x^2] - mean^2, which loses digits when a feature is large.
+    # use_fast_variance=False computes E[(x - mean)^2], as torch does. The
+    # faster E[x^2] - mean^2 loses digits to cancellation when the mean is
+    # large next to the spread (on all-MiniLM-L6-v2 both stay within 3e-6).
     return nnx.LayerNorm(
         config.d_model,
         epsilon=config.layer_norm_eps,
@@ -67,7 +69,10 @@ def _check_ids(
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"{name} must be integers, got dtype {ids.dtype}")
     if not isinstance(ids, jax.core.Tracer) and ids.size:
-        low, high = int(ids.min()), int(ids.max())
+        # NumPy, not jnp: inside jit, jnp operations on a concrete array that
+        # the traced function closes over would return tracers.
+        values = np.asarray(ids)
+        low, high = int(values.min()), int(values.max())
         if low < 0 or high >= limit:
             raise ValueError(
                 f"{name} must lie in [0, {limit}), got values from {low} to {high}"
@@ -179,7 +184,7 @@ class Encoder(nnx.Module):
         config: a :class:`TransformerConfig` with ``kind="encoder"``.
         rngs: random streams for the initial weights.
         approximate_gelu: use the tanh approximation of GELU. BERT models
-            whose config says ``"hidden_act": "gelu"`` were trained with the
+            whose config sets ``"hidden_act": "gelu"`` were trained with the
             exact (erf) GELU, the default here.
     """
 

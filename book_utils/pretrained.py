@@ -36,11 +36,12 @@ from flax import nnx
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from book_utils.configs import TransformerConfig
+from book_utils.configs import TransformerConfig, from_hf_config
 from book_utils.encoder import Encoder
 
 __all__ = [
     "LENGTH_BUCKETS",
+    "MODEL_NAME",
     "EncodedBatch",
     "Pretrained",
     "config_from_json",
@@ -51,14 +52,17 @@ __all__ = [
     "trace_count",
 ]
 
+#: Name of the pretrained model, as its publisher calls it.
+MODEL_NAME = "all-MiniLM-L6-v2"
+
 #: Padded lengths that :func:`encode` compiles for. A batch is padded to the
-#: smallest bucket that holds its longest sentence, so sentences of other
+#: smallest bucket that fits its longest sentence, so sentences of other
 #: lengths reuse a compiled function.
 LENGTH_BUCKETS = (16, 32, 64, 128, 256)
 
 # Checkpoint entries the encoder does not use: a buffer of position indices
 # (0..511), and BERT's pooler, a dense layer on the first token that the
-# sentence-embedding model replaces with mean pooling.
+# sentence-embedding model does not use (it averages all tokens instead).
 _UNUSED_WEIGHTS = {
     "embeddings.position_ids",
     "pooler.dense.weight",
@@ -69,7 +73,12 @@ _traces = 0
 
 
 def config_from_json(config_json: dict[str, Any]) -> TransformerConfig:
-    """Build the :class:`TransformerConfig` of a BERT ``config.json``.
+    """Check a BERT ``config.json`` against this encoder and read its sizes.
+
+    The sizes come from :func:`book_utils.configs.from_hf_config`. This
+    function first makes sure that the file describes what :class:`Encoder`
+    computes. The returned config has ``pooler=True`` because the checkpoint
+    contains BERT's pooler weights, which the encoder does not use.
 
     Raises:
         ValueError: if the file describes something this encoder does not
@@ -85,22 +94,7 @@ def config_from_json(config_json: dict[str, Any]) -> TransformerConfig:
         found = config_json.get(key, value)
         if found != value:
             raise ValueError(f"config.json must have {key}={value!r}, got {found!r}")
-    return TransformerConfig(
-        name=config_json.get("_name_or_path", "bert"),
-        vocab_size=config_json["vocab_size"],
-        max_positions=config_json["max_position_embeddings"],
-        d_model=config_json["hidden_size"],
-        num_layers=config_json["num_hidden_layers"],
-        num_heads=config_json["num_attention_heads"],
-        d_ff=config_json["intermediate_size"],
-        kind="encoder",
-        # BERT's pretraining head reused the token table; this checkpoint
-        # ships no output head at all.
-        tied_embeddings=True,
-        type_vocab_size=config_json["type_vocab_size"],
-        layer_norm_eps=config_json["layer_norm_eps"],
-        pooler=False,
-    )
+    return from_hf_config(config_json, name=MODEL_NAME)
 
 
 def _parameter_map(model: Encoder) -> dict[str, tuple[nnx.Param, bool]]:
@@ -155,7 +149,7 @@ def load_weights(model: Encoder, weights: dict[str, np.ndarray]) -> None:
             ``safetensors.numpy.load_file``.
 
     Raises:
-        KeyError: if the checkpoint lacks a parameter of the model, or holds
+        KeyError: if the checkpoint lacks a parameter of the model, or contains
             one that neither the model nor the known unused entries explain.
         ValueError: if an array's shape differs from the parameter's.
     """
@@ -312,10 +306,11 @@ def trace_count() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class EncodedBatch:
-    """What :func:`encode` computed for a list of sentences.
+    """Result of :func:`encode` for a list of sentences.
 
-    Padding rows and positions follow the real tokens: sentence ``b`` has
-    ``len(tokens[b])`` real tokens, at positions ``0 .. len(tokens[b]) - 1``.
+    Sentence ``b`` has ``len(tokens[b])`` real tokens, at positions
+    ``0 .. len(tokens[b]) - 1``, and padding after them. The arrays are
+    read-only NumPy arrays: copy one (``array.copy()``) to change it.
 
     Attributes:
         tokens: per sentence, its token strings, ``[CLS]`` and ``[SEP]``
@@ -371,7 +366,7 @@ def encode(
     """Tokenize sentences and run the pretrained encoder on them.
 
     The batch is padded on the right to the smallest of
-    :data:`LENGTH_BUCKETS` that holds the longest sentence, and to a power of
+    :data:`LENGTH_BUCKETS` that fits the longest sentence, and to a power of
     two in the batch dimension, so that calls with other lengths reuse a
     compiled function. The extra batch rows are dropped from the result.
     Matmuls run at "highest" (float32) precision on every backend, so the
@@ -387,7 +382,7 @@ def encode(
         An :class:`EncodedBatch` whose arrays have ``T`` = the padded length.
 
     Raises:
-        TypeError: if ``sentences`` is a single string or holds a non-string.
+        TypeError: if ``sentences`` is a single string or contains a non-string.
         ValueError: if ``sentences`` is empty, or a sentence is longer than
             256 tokens and ``truncate`` is False.
     """
@@ -415,11 +410,15 @@ def encode(
     hidden_states, attentions, embeddings = _forward(
         pretrained.model, jnp.asarray(input_ids), jnp.asarray(attention_mask)
     )
+    arrays = {
+        "input_ids": input_ids[:batch_size],
+        "attention_mask": attention_mask[:batch_size],
+        "hidden_states": np.asarray(hidden_states[:, :batch_size]),
+        "attentions": np.asarray(attentions[:, :batch_size]),
+        "sentence_embeddings": np.asarray(embeddings[:batch_size]),
+    }
+    for array in arrays.values():
+        array.flags.writeable = False
     return EncodedBatch(
-        tokens=[list(encoding.tokens) for encoding in encodings],
-        input_ids=input_ids[:batch_size],
-        attention_mask=attention_mask[:batch_size],
-        hidden_states=np.asarray(hidden_states[:, :batch_size]),
-        attentions=np.asarray(attentions[:, :batch_size]),
-        sentence_embeddings=np.asarray(embeddings[:batch_size]),
+        tokens=[list(encoding.tokens) for encoding in encodings], **arrays
     )

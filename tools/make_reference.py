@@ -11,7 +11,7 @@ environment, so that torch stays out of the book's own one:
     HF_HUB_OFFLINE=1 /tmp/ref/bin/python tools/make_reference.py
 
 On a machine without a local CPU build of torch 2.13.0, install torch from
-the CPU index (``--index-url https://download.pytorch.org/whl/cpu``); a plain
+the CPU index (``--index-url https://download.pytorch.org/whl/cpu``). A plain
 ``pip install torch`` pulls a multi-GB CUDA build.
 
 The output, ``tests/data/reference_minilm.npz``, holds for each sentence of
@@ -83,14 +83,14 @@ def compute_reference(sentences: list[str] | tuple[str, ...]) -> dict[str, objec
     import torch
     from sentence_transformers import SentenceTransformer
 
-    # Eager attention returns the attention weights; SDPA would not.
+    # Eager attention returns the attention weights, which SDPA does not.
     model = SentenceTransformer(
         str(_model_dir()),
         device="cpu",
         model_kwargs={"attn_implementation": "eager"},
     )
     model.eval()
-    features = model.tokenize(list(sentences))
+    features = model.preprocess(list(sentences))
     bert = model[0].auto_model
     with torch.no_grad():
         output = bert(
@@ -106,7 +106,9 @@ def compute_reference(sentences: list[str] | tuple[str, ...]) -> dict[str, objec
     mask = features["attention_mask"].numpy()
     ids = [
         row[: int(length)].tolist()
-        for row, length in zip(features["input_ids"].numpy(), mask.sum(axis=1))
+        for row, length in zip(
+            features["input_ids"].numpy(), mask.sum(axis=1), strict=True
+        )
     ]
     return {
         "ids": ids,
