@@ -46,6 +46,14 @@ def _check_qkv(query: jax.Array, key: jax.Array, value: jax.Array) -> tuple[int,
                 f"{name} must have at least 2 dimensions (..., length, size), "
                 f"got shape {array.shape}"
             )
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise TypeError(
+                f"{name} must be a floating-point array, got dtype {array.dtype}"
+            )
+        if 0 in array.shape[-2:]:
+            raise ValueError(
+                f"{name} must have a non-empty length and size, got shape {array.shape}"
+            )
     if query.shape[-1] != key.shape[-1]:
         raise ValueError(
             "query and key must have the same last dimension d_k, got query "
@@ -125,8 +133,9 @@ def scaled_dot_product_attention(
 
     Raises:
         ValueError: if the sizes do not match or the mask does not broadcast.
-        TypeError: if the mask is not boolean.
+        TypeError: if an input is not floating point or the mask is not boolean.
     """
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     batch_shape = _check_qkv(query, key, value)
     scores_shape = (*batch_shape, query.shape[-2], key.shape[-2])
     if mask is not None:
@@ -163,7 +172,11 @@ def causal_mask(seq_len: int) -> jax.Array:
     Raises:
         ValueError: if ``seq_len`` is not a positive integer.
     """
-    if not isinstance(seq_len, int | np.integer) or seq_len < 1:
+    if (
+        isinstance(seq_len, bool)
+        or not isinstance(seq_len, int | np.integer)
+        or seq_len < 1
+    ):
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
     return jnp.tril(jnp.ones((seq_len, seq_len), dtype=jnp.bool_))
 
@@ -202,7 +215,9 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """
     if x.ndim < 2:
         raise ValueError(f"x must have shape (..., T, D), got shape {x.shape}")
-    if num_heads < 1 or x.shape[-1] % num_heads != 0:
+    if not isinstance(num_heads, int | np.integer) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+    if x.shape[-1] % num_heads != 0:
         raise ValueError(
             f"the last dimension {x.shape[-1]} of x (shape {x.shape}) is not "
             f"divisible by num_heads={num_heads}"

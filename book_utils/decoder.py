@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from book_utils.attention import MultiHeadAttention, causal_mask
@@ -289,6 +290,16 @@ class GPT(nnx.Module):
                 f"sequence length {token_ids.shape[1]} exceeds max_positions="
                 f"{self.config.max_positions} of {self.config.name!r}"
             )
+        # nnx.Embed clamps or wraps out-of-range ids instead of failing, so they
+        # are checked here (on concrete arrays only: a traced id has no value).
+        if not isinstance(token_ids, jax.core.Tracer) and token_ids.size:
+            values = np.asarray(token_ids)
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"token_ids must lie in [0, {self.config.vocab_size}), got "
+                    f"values from {low} to {high}"
+                )
 
     def __call__(
         self, token_ids: jax.Array, *, return_hidden_states: bool = False
@@ -305,8 +316,8 @@ class GPT(nnx.Module):
             the final LayerNorm) when ``return_hidden_states`` is True.
 
         Raises:
-            ValueError: if ``token_ids`` is not 2-D or longer than
-                ``max_positions``.
+            ValueError: if ``token_ids`` is not 2-D, longer than
+                ``max_positions`` or holds an id outside ``[0, vocab_size)``.
             TypeError: if ``token_ids`` is not an integer array.
         """
         token_ids = jnp.asarray(token_ids)

@@ -818,3 +818,34 @@ def test_mha_permutation_equivariant():
     output, _ = apply(module, x)
     permuted, _ = apply(module, x[:, permutation])
     np.testing.assert_allclose(permuted, output[:, permutation], **FLOAT32_TOLERANCE)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_non_float_inputs_raise_type_error(dtype):
+    query = jnp.ones((2, 3, 4), dtype)
+    with pytest.raises(TypeError, match="floating-point"):
+        scaled_dot_product_attention(query, query, query)
+
+
+def test_empty_head_size_raises():
+    query = jnp.ones((2, 3, 0))
+    with pytest.raises(ValueError, match=r"\(2, 3, 0\)"):
+        scaled_dot_product_attention(query, query, query)
+
+
+def test_lists_accepted_as_arrays():
+    rows = [[1.0, 0.0], [0.0, 1.0]]
+    output, weights = scaled_dot_product_attention(rows, rows, rows)
+    assert output.shape == (2, 2)
+    assert weights.shape == (2, 2)
+
+
+@pytest.mark.parametrize("num_heads", [0, 2.0])
+def test_split_heads_rejects_bad_head_count(num_heads):
+    with pytest.raises(ValueError, match="num_heads"):
+        split_heads(jnp.ones((3, 4)), num_heads)
+
+
+def test_causal_mask_rejects_bool():
+    with pytest.raises(ValueError, match="True"):
+        causal_mask(True)

@@ -301,3 +301,11 @@ def test_run_stacked_blocks_custom_layer() -> None:
         expected = expected + layer(expected)
     np.testing.assert_allclose(output, expected, atol=1e-5)
     np.testing.assert_array_equal(hidden[-1], output)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 50])
+def test_gpt_rejects_out_of_range_ids(bad_id):
+    token_ids = np.zeros((1, 4), dtype=np.int32)
+    token_ids[0, 2] = bad_id
+    with pytest.raises(ValueError, match=rf"\[0, {TINY.vocab_size}\)"):
+        make_model()(token_ids)
