@@ -76,11 +76,14 @@ def _online_softmax_update(
     key: jax.Array,
     value: jax.Array,
     allowed: jax.Array | None,
+    scale: float | None = None,
 ) -> _SoftmaxState:
     r"""Fold one block of keys and values into the running softmax state.
 
-    ``query`` must already be scaled by :math:`1/\sqrt{d_k}`, and all inputs
-    must be in the state's floating dtype. ``allowed`` broadcasts to the
+    The scores are ``query @ key.T`` times ``scale``; with ``scale=None``,
+    ``query`` must already be scaled by :math:`1/\sqrt{d_k}`. Scaling the
+    scores instead saves a scaled copy of the queries. All inputs must be in
+    the state's floating dtype. ``allowed`` broadcasts to the
     block's scores ``(..., T, C)``, and None allows every key. With the block's
     maximum score :math:`m_b`, the new maximum is
     :math:`m' = \max(m, m_b)`, and the old sum and accumulator are rescaled
@@ -89,6 +92,8 @@ def _online_softmax_update(
     running_max, running_sum, accumulator = state
     # (..., T, C)
     scores = jnp.einsum("...td,...sd->...ts", query, key)
+    if scale is not None:
+        scores = scores * scale
     if allowed is not None:
         scores = jnp.where(allowed, scores, -jnp.inf)
 
@@ -214,48 +219,51 @@ def _chunked_attention(
     )
     query_len, key_len = query.shape[-2], key.shape[-2]
     if mask is not None:
-        # (..., T or 1, S or 1) with as many dimensions as the scores
         mask = mask.reshape((1,) * (len(batch_shape) + 2 - mask.ndim) + mask.shape)
 
     compute_dtype = jnp.promote_types(query.dtype, jnp.float32)
     num_chunks = -(-key_len // chunk_size)
     padding = num_chunks * chunk_size - key_len
 
-    scaled_query = query.astype(compute_dtype) / math.sqrt(query.shape[-1])
-    # (num_chunks, ..., chunk_size, d_k) and (num_chunks, ..., chunk_size, d_v)
-    key_chunks = _chunk_last_axis(
-        _pad_axis(key.astype(compute_dtype), -2, 0, padding), num_chunks, -2
-    )
-    value_chunks = _chunk_last_axis(
-        _pad_axis(value.astype(compute_dtype), -2, 0, padding), num_chunks, -2
-    )
-    mask_chunks = None
+    query = query.astype(compute_dtype)
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    # Padded only when the length is not a multiple of chunk_size; each step
+    # slices its chunk out of these arrays instead of a re-laid-out copy.
+    padded_key = key.astype(compute_dtype)
+    padded_value = value.astype(compute_dtype)
+    if padding:
+        padded_key = _pad_axis(padded_key, -2, 0, padding)
+        padded_value = _pad_axis(padded_value, -2, 0, padding)
+    padded_mask = None
     if mask is not None and mask.shape[-1] != 1:
-        # (num_chunks, ..., T or 1, chunk_size); padded keys get False
-        mask_chunks = _chunk_last_axis(
-            _pad_axis(mask, -1, 0, padding, False), num_chunks, -1
-        )
+        padded_mask = _pad_axis(mask, -1, 0, padding, False) if padding else mask
     query_positions = jnp.arange(query_len)
 
-    def step(state, chunk):
-        chunk_index, key_chunk, value_chunk, mask_chunk = chunk
-        key_positions = chunk_index * chunk_size + jnp.arange(chunk_size)
-        # (T or 1, chunk_size), broadcast against (..., T, chunk_size)
-        allowed = (key_positions < key_len)[None, :]
+    def step(state, chunk_index):
+        start = chunk_index * chunk_size
+        key_chunk = jax.lax.dynamic_slice_in_dim(padded_key, start, chunk_size, -2)
+        value_chunk = jax.lax.dynamic_slice_in_dim(padded_value, start, chunk_size, -2)
+        key_positions = start + jnp.arange(chunk_size)
+        allowed = None
+        if padding:
+            allowed = (key_positions < key_len)[None, :]
         if causal:
-            allowed = allowed & (key_positions[None, :] <= query_positions[:, None])
-        if mask_chunk is not None:
-            allowed = allowed & mask_chunk
+            causal_allowed = key_positions[None, :] <= query_positions[:, None]
+            allowed = causal_allowed if allowed is None else allowed & causal_allowed
+        if padded_mask is not None:
+            mask_chunk = jax.lax.dynamic_slice_in_dim(
+                padded_mask, start, chunk_size, -1
+            )
+            allowed = mask_chunk if allowed is None else allowed & mask_chunk
         elif mask is not None:
-            allowed = allowed & mask
+            allowed = mask if allowed is None else allowed & mask
         state = _online_softmax_update(
-            state, scaled_query, key_chunk, value_chunk, allowed
+            state, query, key_chunk, value_chunk, allowed, scale
         )
         return state, None
 
-    chunks = (jnp.arange(num_chunks), key_chunks, value_chunks, mask_chunks)
     initial = _initial_state((*batch_shape, query_len), value.shape[-1], compute_dtype)
-    state, _ = jax.lax.scan(step, initial, chunks, unroll=unroll)
+    state, _ = jax.lax.scan(step, initial, jnp.arange(num_chunks), unroll=unroll)
     return _final_output(state, value.dtype)
 
 
