@@ -56,3 +56,11 @@ def test_toc_lists_only_existing_pages() -> None:
     for name in toc_files():
         candidates = [ROOT / f"{name}{suffix}" for suffix in (".md", ".ipynb")]
         assert any(candidate.exists() for candidate in candidates), name
+
+
+def test_benchmarks_page_is_clean() -> None:
+    page = notebooks.load(ROOT / "performance.ipynb")
+    code_cells = [cell for cell in page["cells"] if cell["cell_type"] == "code"]
+    assert code_cells
+    assert all(not cell["outputs"] for cell in code_cells)
+    assert all(cell["execution_count"] is None for cell in code_cells)

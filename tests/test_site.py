@@ -13,6 +13,7 @@ import fcntl
 import functools
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -102,11 +103,10 @@ class PageVisit:
         self.context = browser.new_context(
             viewport={"width": 1280, "height": 900}, color_scheme=color_scheme
         )
-        # The theme reads its mode from localStorage before the page paints.
-        self.context.add_init_script(
-            f"localStorage.setItem('mode', '{color_scheme}');"
-            f"localStorage.setItem('theme', '{color_scheme}');"
-        )
+        # A light visit is a reader's first: nothing stored. A dark visit sets
+        # the mode the theme's switch stores, read before the page paints.
+        if color_scheme == "dark":
+            self.context.add_init_script("localStorage.setItem('mode', 'dark');")
         self.context.route("**/*", self._route)
         self.page = self.context.new_page()
         self.console_errors: list[str] = []
@@ -203,8 +203,10 @@ def test_formulas_rendered_offline(visit: PageVisit, page_name: str) -> None:
             return article.innerText;
         }"""
     )
-    for delimiter in ("$$", "\\(", "\\[", "\\frac", "\\sqrt"):
+    for delimiter in ("$$", "\\(", "\\[", "\\frac", "\\sqrt", "^{", "_{"):
         assert delimiter not in text
+    # A single-$ span such as $O(n^2)$ left unrendered.
+    assert re.search(r"\$[^$\s][^$]*\$", text) is None
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
@@ -229,19 +231,35 @@ def test_search_finds_softmax(visit: PageVisit) -> None:
     assert page.locator("#search-results ul li").count() >= 1
 
 
-def test_dark_theme_renders(browser, site_url: str) -> None:
+@pytest.mark.parametrize("page_name", PAGES)
+def test_dark_theme_renders(browser, site_url: str, page_name: str) -> None:
     visit = PageVisit(browser, site_url, color_scheme="dark")
     try:
-        page = visit.open("intro.html")
+        page = visit.open(f"{page_name}.html")
         theme = page.evaluate("() => document.documentElement.dataset.theme")
         background = page.evaluate(
             "() => getComputedStyle(document.body).backgroundColor"
         )
+        errors = visit.console_errors
     finally:
         visit.close()
     assert theme == "dark"
+    assert errors == []
     red, green, blue = (int(part) for part in background[4:-1].split(",")[:3])
     assert max(red, green, blue) < 80, background
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_exercise_solutions_hidden(visit: PageVisit, chapter: str) -> None:
+    page = visit.open(f"{chapter}.html")
+    solutions = page.locator("article .cell.tag_hide-cell")
+    assert solutions.count() >= 2
+    for index in range(solutions.count()):
+        solution = solutions.nth(index)
+        assert not solution.locator(".cell_input").first.is_visible()
+        outputs = solution.locator(".cell_output")
+        if outputs.count():
+            assert not outputs.first.is_visible()
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)

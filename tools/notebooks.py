@@ -56,7 +56,14 @@ def pip_install(*args):
 
 before = installed_versions()
 if importlib.util.find_spec("book_utils") is None:
-    pip_install(f"book_utils @ git+{{REPOSITORY}}@{{VERSION}}")
+    try:
+        pip_install(f"book_utils @ git+{{REPOSITORY}}@{{VERSION}}")
+    except subprocess.CalledProcessError as error:
+        raise RuntimeError(
+            f"Installing book_utils from {{REPOSITORY}} at tag {{VERSION}} failed. "
+            "If the URL contains OWNER, the book is not published yet: clone the "
+            "repository and run `make book` locally instead (see its README)."
+        ) from error
 missing = [
     f"{{requirement}} --hash=sha256:{{digest}}"
     for name, (requirement, digest) in DATA.items()
