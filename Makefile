@@ -9,10 +9,11 @@ STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
 BOOK_BUILD = $(BIN)/jupyter-book build --all --warningiserror --nitpick --keep-going .
-SITE_SOURCES := $(wildcard chapters/*.ipynb *.md book_utils/*.py _ext/*.py) \
+SITE_SOURCES := $(wildcard chapters/*.ipynb *.md *.ipynb book_utils/*.py _ext/*.py) \
+	$(wildcard benchmarks/results/*.json) \
 	_config.yml _toc.yml references.bib
 
-.PHONY: book site test lint venv chromium clean
+.PHONY: book site test lint venv chromium benchmarks clean
 
 venv: $(STAMP)
 
@@ -51,7 +52,14 @@ lint: $(STAMP)
 test: lint chromium site
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope \
 		--nbval --nbval-current-env \
-		tests chapters
+		tests chapters performance.ipynb
+
+# Every benchmark (never run by the tests); writes benchmarks/results/<backend>.json.
+# REFERENCE_PYTHON names a Python with torch and sentence-transformers (and jax
+# and flax) for the encoder's reference; without it the encoder runs alone.
+REFERENCE_PYTHON ?=
+benchmarks: $(STAMP)
+	$(BIN)/python -m benchmarks.run --reference-python "$(REFERENCE_PYTHON)"
 
 clean:
 	rm -rf _build $(VENV)
