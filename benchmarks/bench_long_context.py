@@ -27,7 +27,7 @@ the CPU with anything else running on the machine.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_long_context.py
+    .venv/bin/python -m benchmarks.bench_long_context
 """
 
 from __future__ import annotations
@@ -35,18 +35,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.common import cpu_model, time_call
 from book_utils.attention import scaled_dot_product_attention
 from book_utils.long_context import chunked_attention, sliding_window_attention
 
@@ -101,24 +99,9 @@ def median_seconds(function: Callable, seq_len: int, repeats: int) -> float:
     keys = jax.random.split(jax.random.key(seq_len), 3)
     inputs = [jax.random.normal(key, (seq_len, HEAD_DIM)) for key in keys]
     jax.block_until_ready(inputs)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(executable(*inputs))
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
-
-
-def cpu_model() -> str:
-    """Return the CPU model from /proc/cpuinfo, or platform's machine name."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
+    # Already compiled, so no warm-up call is needed.
+    timing = time_call(lambda: executable(*inputs), repeats=repeats, warmup=0)
+    return timing["median_s"]
 
 
 def dense_output_only(query, key, value):
@@ -150,7 +133,8 @@ def probe_dense_output_only(seq_len: int) -> dict:
 
 
 def run_probe_in_subprocess(seq_len: int) -> dict:
-    command = [sys.executable, __file__, "--probe", str(seq_len)]
+    module = "benchmarks.bench_long_context"
+    command = [sys.executable, "-m", module, "--probe", str(seq_len)]
     completed = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(completed.stdout.splitlines()[-1])
 
