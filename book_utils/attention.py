@@ -110,7 +110,7 @@ def scaled_dot_product_attention(
 
     Leading dimensions (batch, heads) broadcast by NumPy's rules. The scores
     and the softmax are computed in float32 at least, so bfloat16 inputs do
-    not lose the softmax's small weights; the weights and output take the
+    not lose the softmax's small weights. The weights and output take the
     dtype of ``value``.
 
     A query row with no allowed key gets all-zero weights and an all-zero
@@ -154,7 +154,8 @@ def scaled_dot_product_attention(
         weights = jax.nn.softmax(scores, axis=-1)
     else:
         # A finite fill keeps the softmax and its gradient free of NaN even
-        # when a whole row is masked; the row is then zeroed out explicitly.
+        # when a whole row is masked. The last line sets every masked weight,
+        # and so every weight of such a row, to zero.
         fill = jnp.finfo(compute_dtype).min
         scores = jnp.where(mask, scores, fill)
         weights = jax.nn.softmax(scores, axis=-1)
@@ -188,7 +189,7 @@ def padding_mask(attention_mask: jax.Array) -> jax.Array:
     and every query may attend to the keys whose ``attention_mask`` is 1.
 
     Raises:
-        ValueError: if ``attention_mask`` is not 2-D or holds values other
+        ValueError: if ``attention_mask`` is not 2-D or contains values other
             than 0 and 1 (checked only on concrete arrays, not under jit).
     """
     attention_mask = jnp.asarray(attention_mask)

@@ -317,7 +317,7 @@ class GPT(nnx.Module):
 
         Raises:
             ValueError: if ``token_ids`` is not 2-D, longer than
-                ``max_positions`` or holds an id outside ``[0, vocab_size)``.
+                ``max_positions`` or contains an id outside ``[0, vocab_size)``.
             TypeError: if ``token_ids`` is not an integer array.
         """
         token_ids = jnp.asarray(token_ids)

@@ -2,7 +2,7 @@
 
 One chapter is copied alone into an empty folder and its setup cell runs in a
 fresh virtualenv. A local git repository tagged with the book's version
-stands in for the remote one: git's ``url.<base>.insteadOf`` redirects the
+replaces the remote one: git's ``url.<base>.insteadOf`` redirects the
 URL from ``_config.yml`` to it, so the cell itself runs unchanged.
 """
 
